@@ -1,0 +1,334 @@
+"""The worker: accepts drops, claims queued jobs and runs them to a terminal state.
+
+`Worker.poll_once` is one pass over the inbox and the queue; the polling loop in
+`handlers.worker` and the Lambda handler both drive it. A job's failure never escapes
+`run_claimed`: it ends the job `failed`, `rejected` or `cancelled` and the worker moves on.
+"""
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from pipeline.errors import (
+    AttributionError,
+    JobCancelledError,
+    LeaseLostError,
+    ModelLoadError,
+    PreconditionFailedError,
+    SpecError,
+    StoreError,
+)
+from pipeline.inputs import load_inputs
+from pipeline.intake import Intake
+from pipeline.layout import BucketLayout
+from pipeline.lifecycle import (
+    CANCELLED,
+    DEFAULT_LEASE_SECONDS,
+    FAILED,
+    QUEUED,
+    REJECTED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL_STATES,
+    Lease,
+    StatusBook,
+    StatusSnapshot,
+    new_lease,
+    utc_now,
+)
+from pipeline.models import ModelCache
+from pipeline.results import ResultWriter, build_summary
+from pipeline.runner import attribute_inputs
+from pipeline.spec import JobSpec, SpecPolicy
+from pipeline.store import ObjectStore
+from pipeline.tables import TableContext, build_chunk_tables
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    """Operator settings of one worker."""
+
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
+    allow_local_models: bool = False
+    model_allowlist: tuple[str, ...] = ()
+    max_inputs: int = 1000
+    deadline: float | None = None
+
+
+@dataclass
+class JobOutcome:
+    """How one claimed job ended on this worker."""
+
+    job_id: str
+    state: str | None
+    chunks_computed: int = 0
+
+
+class Worker:
+    """Accepts and runs jobs from one bucket."""
+
+    def __init__(self, store: ObjectStore, layout: BucketLayout, config: WorkerConfig | None = None, models: ModelCache | None = None):
+        self.store = store
+        self.layout = layout
+        self.config = config or WorkerConfig()
+        self.models = models or ModelCache(store_client=store.client)
+        self.book = StatusBook(store, layout)
+        self.intake = Intake(store, layout, self.policy())
+        self.chunks_computed = 0
+
+    def policy(self) -> SpecPolicy:
+        return SpecPolicy(
+            bucket=self.store.bucket,
+            allow_local_models=self.config.allow_local_models,
+            model_allowlist=self.config.model_allowlist,
+            max_inputs=self.config.max_inputs,
+        )
+
+    def poll_once(self, max_jobs: int | None = None) -> list[JobOutcome]:
+        """Accept every waiting drop, then run claimable jobs, up to `max_jobs`."""
+        outcomes = []
+        for info in self.intake.pending():
+            try:
+                self.intake.accept(info)
+            except StoreError as exc:
+                log.error("failed to accept %s: %s", info.key, exc, extra={"worker_id": self.config.worker_id})
+
+        for job_id in self.queued_job_ids():
+            if max_jobs is not None and len(outcomes) >= max_jobs:
+                break
+            outcome = self.process(job_id)
+            if outcome is not None:
+                outcomes.append(outcome)
+        return outcomes
+
+    def queued_job_ids(self) -> list[str]:
+        return [info.key.removeprefix(self.layout.queue_prefix) for info in self.store.list(self.layout.queue_prefix)]
+
+    def process(self, job_id: str) -> JobOutcome | None:
+        """Claim a job if it is free and run it; return None when not claimed."""
+        try:
+            lease = self.claim(job_id)
+        except StoreError as exc:
+            log.warning("claim failed: %s", exc, extra={"job_id": job_id, "worker_id": self.config.worker_id})
+            return None
+        if lease is None:
+            return None
+        return self.run_claimed(lease)
+
+    def claim(self, job_id: str) -> Lease | None:
+        """Take the job with a conditional write, or return None if it is not ours to take."""
+        snapshot = self.book.find(job_id)
+        if snapshot is None:
+            return None
+        if snapshot.state in TERMINAL_STATES:
+            self._drop_queue_marker(job_id)
+            return None
+        if snapshot.state == RUNNING and not snapshot.lease_expired():
+            return None
+        if self.store.exists(self.layout.summary_key(job_id)):
+            self._finish_committed(snapshot)
+            return None
+        if self.store.exists(self.layout.cancel_key(job_id)):
+            self._end(snapshot, CANCELLED, "cancelled before it started")
+            return None
+
+        next_attempt = snapshot.record["attempt"] + 1
+        if next_attempt > snapshot.record["max_attempts"]:
+            self._end(snapshot, FAILED, f"gave up after {snapshot.record['max_attempts']} attempts; see errors for each attempt")
+            return None
+
+        lease_record = new_lease(self.config.worker_id, self.config.lease_seconds)
+
+        def take(record):
+            if record["state"] == RUNNING:
+                owner = (record.get("lease") or {}).get("owner")
+                record["errors"].append({"attempt": record["attempt"], "at": utc_now(), "message": f"lease expired: worker {owner!r} stopped renewing it"})
+            record.update(state=RUNNING, attempt=next_attempt, worker_id=self.config.worker_id, lease=lease_record, started_at=utc_now(), message=None)
+
+        try:
+            taken = self.book.update(snapshot, take)
+        except PreconditionFailedError:
+            return None
+        log.info("job claimed", extra=self._ids(job_id, next_attempt))
+        return Lease(self.book, taken, self.config.worker_id, self.config.lease_seconds)
+
+    def run_claimed(self, lease: Lease) -> JobOutcome:
+        """Run a claimed job to a terminal state; no job error escapes."""
+        job_id = lease.job_id
+        ids = self._ids(job_id, lease.attempt)
+        lease.start_heartbeat()
+        outcome = JobOutcome(job_id, None)
+        try:
+            log.info("job started", extra=ids)
+            outcome.chunks_computed = self._execute(lease)
+            outcome.state = SUCCEEDED
+            log.info("job finished", extra=ids)
+        except LeaseLostError as exc:
+            log.warning("job abandoned: %s", exc, extra=ids)
+        except _TimeBudgetUsed:
+            log.info("time budget used up; job released for a continuation", extra=ids)
+            outcome.state = self._release(lease, None)
+        except JobCancelledError:
+            outcome.state = self._end_leased(lease, CANCELLED, "cancelled while running")
+        except SpecError as exc:
+            outcome.state = self._end_leased(lease, REJECTED, str(exc))
+        except (AttributionError, ModelLoadError) as exc:
+            outcome.state = self._end_leased(lease, FAILED, str(exc), error=True)
+        except StoreError as exc:
+            log.error("job interrupted by the object store: %s", exc, extra=ids)
+            outcome.state = self._release(lease, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bad job must never take the worker down
+            log.exception("job crashed", extra=ids)
+            outcome.state = self._end_leased(lease, FAILED, f"Internal error: {type(exc).__name__}: {exc}", error=True)
+        finally:
+            lease.stop_heartbeat()
+        return outcome
+
+    def _execute(self, lease: Lease) -> int:
+        job_id = lease.job_id
+        spec = JobSpec.model_validate(self.store.get_json(self.layout.spec_key(job_id))[0])
+        writer = ResultWriter(self.store, self.layout, job_id)
+        started = time.perf_counter()
+
+        inputs = load_inputs(spec, self.store)
+        chunk_starts = list(range(0, len(inputs), spec.chunk_size))
+        finished = writer.finished_chunks()
+        lease.update(lambda record: record["progress"].update(total=len(inputs), chunks_total=len(chunk_starts), chunks_done=len(finished), done=sum(c.sequences for c in finished.values())))
+
+        loaded = self.models.get(spec.model, spec.device)
+        context = TableContext(spec.model, spec.method, dict(spec.labels), tuple(spec.step_scores))
+        computed = 0
+
+        for index, first in enumerate(chunk_starts):
+            if index in finished:
+                continue
+            lease.check()
+            self._stop_if_out_of_time(lease)
+
+            part = inputs.slice(first, first + spec.chunk_size)
+            result = attribute_inputs(loaded, spec, part.texts, part.generated_texts)
+            tables = build_chunk_tables(result.aggregated, loaded.tokenizer, context, first, index, part.texts, result.seconds)
+
+            lease.check()
+            finished[index] = writer.write_chunk(index, first, tables, result.aggregated, result.seconds, spec.outputs)
+            computed += 1
+            self.chunks_computed += 1
+            done = sum(chunk.sequences for chunk in finished.values())
+            lease.update(lambda record, done=done: record["progress"].update(done=done, chunks_done=len(finished)))
+
+        lease.check()
+        files = writer.write_final_outputs(len(chunk_starts), spec.outputs)
+        self._commit(lease, spec, writer, finished, files, loaded, started)
+        return computed
+
+    def _commit(self, lease: Lease, spec: JobSpec, writer: ResultWriter, finished: dict, files: dict, loaded, started: float) -> None:
+        lease.check()
+        record = lease.snapshot.record
+        for name, keys in writer.table_keys().items():
+            files.update({key: None for key in keys})
+        timings = {
+            "queued_at": record.get("queued_at"),
+            "started_at": record.get("started_at"),
+            "committed_at": utc_now(),
+            "model_load_seconds": round(loaded.load_seconds, 3),
+            "attribution_seconds": round(sum(chunk.seconds for chunk in finished.values()), 3),
+            "run_seconds": round(time.perf_counter() - started, 3),
+        }
+        summary = build_summary(lease.job_id, record, spec.normalized(), finished, files, timings, _versions())
+        writer.commit(summary)
+
+        def succeed(record):
+            record.update(state=SUCCEEDED, finished_at=utc_now(), lease=None, message=None)
+
+        lease.update(succeed)
+        self._drop_queue_marker(lease.job_id)
+
+    def _stop_if_out_of_time(self, lease: Lease) -> None:
+        if self.config.deadline is not None and time.monotonic() >= self.config.deadline:
+            raise _TimeBudgetUsed(lease.job_id)
+
+    def _end_leased(self, lease: Lease, state: str, message: str, error: bool = False) -> str | None:
+        def finish(record):
+            if error:
+                record["errors"].append({"attempt": record["attempt"], "at": utc_now(), "message": message})
+            record.update(state=state, finished_at=utc_now(), lease=None, message=message)
+
+        try:
+            lease.update(finish)
+        except (LeaseLostError, StoreError) as exc:
+            log.warning("could not record the end of the job: %s", exc, extra=self._ids(lease.job_id, lease.attempt))
+            return None
+        self._drop_queue_marker(lease.job_id)
+        log.info("job %s: %s", state, message, extra=self._ids(lease.job_id, lease.attempt))
+        return state
+
+    def _release(self, lease: Lease, message: str | None) -> str | None:
+        """Give the job back to the queue so another attempt (or invocation) continues it."""
+
+        def requeue(record):
+            if message is not None:
+                record["errors"].append({"attempt": record["attempt"], "at": utc_now(), "message": message})
+            else:
+                record["attempt"] -= 1  # a planned hand-over is not a failed attempt
+            record.update(state=QUEUED, lease=None, queued_at=utc_now())
+
+        try:
+            lease.update(requeue)
+        except (LeaseLostError, StoreError) as exc:
+            log.warning("could not release the job: %s", exc, extra=self._ids(lease.job_id, lease.attempt))
+            return None
+        return QUEUED
+
+    def _end(self, snapshot: StatusSnapshot, state: str, message: str) -> None:
+        def finish(record):
+            record.update(state=state, finished_at=utc_now(), lease=None, message=message)
+
+        try:
+            self.book.update(snapshot, finish)
+        except PreconditionFailedError:
+            return
+        self._drop_queue_marker(snapshot.record["job_id"])
+        log.info("job %s: %s", state, message, extra=self._ids(snapshot.record["job_id"], snapshot.record["attempt"]))
+
+    def _finish_committed(self, snapshot: StatusSnapshot) -> None:
+        """Record success for a job whose summary exists but whose status says otherwise."""
+
+        def succeed(record):
+            record.update(state=SUCCEEDED, finished_at=utc_now(), lease=None, message=None)
+
+        try:
+            self.book.update(snapshot, succeed)
+        except PreconditionFailedError:
+            return
+        self._drop_queue_marker(snapshot.record["job_id"])
+
+    def _drop_queue_marker(self, job_id: str) -> None:
+        try:
+            self.store.delete(self.layout.queue_key(job_id))
+        except StoreError as exc:
+            log.warning("could not remove the queue marker: %s", exc, extra={"job_id": job_id})
+
+    def _ids(self, job_id: str, attempt: int) -> dict:
+        return {"job_id": job_id, "attempt": attempt, "worker_id": self.config.worker_id}
+
+
+class _TimeBudgetUsed(Exception):
+    """The invocation's deadline arrived at a chunk boundary."""
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("tokviz", "inseq", "transformers", "torch", "pyarrow"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
