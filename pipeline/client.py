@@ -25,7 +25,7 @@ from pipeline.errors import (
 )
 from pipeline.layout import TABLES, BucketLayout, is_valid_job_id
 from pipeline.lifecycle import CANCELLED, FAILED, QUEUED, RUNNING, SUBMITTED, SUCCEEDED, TERMINAL_STATES, StatusBook, utc_now
-from pipeline.spec import parse_spec
+from pipeline.spec import SpecPolicy, parse_spec
 from pipeline.store import ObjectStore, make_client
 
 
@@ -61,7 +61,8 @@ class Client:
         e.g. `client.submit(input_text="Hello", method="saliency")`.
         """
         body = json.dumps({**(spec or {}), **fields}, ensure_ascii=False).encode()
-        parse_spec(body)
+        # Local model paths and allowlists are the worker's policy, checked when it accepts the job.
+        parse_spec(body, SpecPolicy(allow_local_models=True))
 
         job_id = job_id or new_job_id()
         if not is_valid_job_id(job_id):

@@ -32,17 +32,38 @@ def attribute_inputs(loaded: LoadedModel, spec: JobSpec, texts: list[str], gener
         check_forced_prefixes(texts, generated_texts)
 
     attribution_model = loaded.attribution_model(spec.method)
-    kwargs = attribute_kwargs(attribution_model, spec, texts, generated_texts)
+    groups = _input_groups(texts, generated_texts, spec.batch_size)
 
     started = time.perf_counter()
     try:
-        raw = attribution_model.attribute(**kwargs)
+        outputs = [attribution_model.attribute(**attribute_kwargs(attribution_model, spec, group_texts, group_generated)) for group_texts, group_generated in groups]
+        raw = outputs[0] if len(outputs) == 1 else _merge(outputs)
         aggregated = aggregate(raw, spec)
     except (SpecError, AttributionError):
         raise
     except Exception as exc:  # noqa: BLE001 - any Inseq failure becomes the job's readable error
         raise AttributionError(_inseq_failure_message(spec, exc)) from exc
     return ChunkAttribution(raw, aggregated, time.perf_counter() - started)
+
+
+def _input_groups(texts: list[str], generated_texts: list[str] | None, batch_size: int) -> list[tuple[list[str], list[str] | None]]:
+    """Split inputs into the groups passed to one Inseq call each.
+
+    Inseq pads a batch of inputs to one length before generating, and with batch size 1
+    it still generates from that padded encoding, which changes decoder-only outputs.
+    Calling Inseq once per group of `batch_size` inputs keeps each group's padding its own.
+    """
+    groups = []
+    for start in range(0, len(texts), batch_size):
+        generated = generated_texts[start : start + batch_size] if generated_texts is not None else None
+        groups.append((texts[start : start + batch_size], generated))
+    return groups
+
+
+def _merge(outputs):
+    import inseq
+
+    return inseq.merge_attributions(outputs)
 
 
 def attribute_kwargs(attribution_model, spec: JobSpec, texts: list[str], generated_texts: list[str] | None) -> dict:
