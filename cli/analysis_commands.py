@@ -62,4 +62,49 @@ def show(ctx, job_id, sequence_idx, k, html_path, png_path, as_json):
             console.print(f"Wrote {path}")
 
 
-COMMANDS = [show]
+@click.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("-k", "--top", "k", type=click.IntRange(1, 20), default=3, show_default=True, help="Size of the top-k input sets compared.")
+@click.option("--absolute", is_flag=True, help="Rank by |score| instead of the signed score.")
+@click.option("--png", "png_path", type=click.Path(dir_okay=False), help="Write side-by-side heatmaps of the first sequence to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-pair summary as JSON records.")
+@click.pass_context
+def compare(ctx, job_ids, k, absolute, png_path, as_json):
+    """Compare jobs that attributed the same inputs with different methods."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cli.output import echo_json
+    from pipeline.analysis import compare_methods
+    from pipeline.errors import ConfigError
+
+    if len(job_ids) < 2:
+        raise ConfigError("Give at least two job ids to compare")
+    client = _client(ctx)
+    frames = {}
+    for job_id in job_ids:
+        client.summary(job_id)
+        frames[job_id] = client.table(job_id, "attributions")
+    result = compare_methods(frames, k=k, absolute=absolute)
+
+    if png_path:
+        from pipeline.plots import plot_method_comparison
+
+        labelled = {f"{job_id} ({frame['method'].iloc[0]})": frame for job_id, frame in frames.items()}
+        plot_method_comparison(labelled, path=png_path)
+
+    if as_json:
+        echo_json(result.pairs.to_dict(orient="records"))
+        return
+    table = Table(title=f"Agreement between jobs (top-{k} overlap, Spearman rank correlation)", header_style="bold")
+    for column in ("job a", "job b", "tokens", "pooled Spearman", "mean Spearman", f"mean top-{k} overlap"):
+        table.add_column(column)
+    for row in result.pairs.itertuples():
+        table.add_row(row.job_a, row.job_b, str(row.tokens), f"{row.pooled_spearman:.3f}", f"{row.mean_spearman:.3f}", f"{row.mean_top_k_overlap:.2f}")
+    console = Console()
+    console.print(table)
+    if png_path:
+        console.print(f"Wrote {png_path}")
+
+
+COMMANDS = [show, compare]

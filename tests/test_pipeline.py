@@ -191,3 +191,21 @@ def test_gzip_json_is_inseq_format(client, make_worker, causal_model_dir):
 
     data = json.loads(gzip.decompress(client.store.get(f"results/{job_id}/attributions.json.gz").body))
     assert "sequence_attributions" in json.dumps(data)[:20000]
+
+
+def test_cli_show_and_compare(moto_server, bucket, client, make_worker, causal_model_dir, tmp_path):
+    common = {"input_text": "The capital of France is", "generated_texts": ["The capital of France is is is"], "model": str(causal_model_dir)}
+    saliency = client.submit(common, method="saliency")
+    gradient = client.submit(common, method="input_x_gradient")
+    make_worker().poll_once(max_jobs=2)
+
+    shown = run_cli(moto_server, bucket, "show", saliency, "--png", str(tmp_path / "heat.png"), "--html", str(tmp_path / "report.html"))
+    assert shown.exit_code == 0, shown.output
+    assert (tmp_path / "heat.png").stat().st_size > 0
+    assert (tmp_path / "report.html").stat().st_size > 0
+
+    compared = run_cli(moto_server, bucket, "compare", saliency, gradient, "--json", "--png", str(tmp_path / "compare.png"))
+    assert compared.exit_code == 0, compared.output
+    pairs = json.loads(compared.output.split("\nWrote")[0])
+    assert pairs[0]["tokens"] == 2, "two forced tokens were compared"
+    assert -1.0 <= pairs[0]["pooled_spearman"] <= 1.0
