@@ -122,7 +122,7 @@ class Client:
         return record
 
     def cancel(self, job_id: str) -> dict:
-        """Request cancellation: a queued job ends at once, a running one at its next heartbeat."""
+        """Request cancellation: a queued job ends at once, a running one at its next chunk boundary."""
         snapshot = self.book.read(job_id)
         if snapshot.state in TERMINAL_STATES:
             raise JobStateError(f"Job {job_id!r} already ended {snapshot.state}; nothing to cancel")
@@ -223,7 +223,7 @@ class Client:
         for table in TABLES:
             partition = self.layout.table_partition_prefix(table, job_id)
             for info in self.store.list(partition):
-                files.append((info.key, f"tables/{table}/{info.key.removeprefix(partition)}"))
+                files.append((info.key, f"tables/{table}/job_id={job_id}/{info.key.removeprefix(partition)}"))
         return files
 
 

@@ -91,6 +91,8 @@ def _text_of(row, uri: str, number: int) -> str:
     text = next((row[column] for column in TEXT_COLUMNS if column in row), None)
     if not isinstance(text, str) or not text.strip():
         raise SpecError(f"Invalid spec: field 'inputs_uri' row {number} of {uri} has no non-empty 'text' column", field="inputs_uri")
+    if "\x00" in text:
+        raise SpecError(f"Invalid spec: field 'inputs_uri' row {number} of {uri} contains a NUL character; remove it", field="inputs_uri")
     if len(text) > MAX_TEXT_CHARS:
         raise SpecError(f"Invalid spec: field 'inputs_uri' row {number} of {uri} is {len(text)} characters long; at most {MAX_TEXT_CHARS} are allowed", field="inputs_uri")
     return text

@@ -72,6 +72,15 @@ class Intake:
 
         return self._queue(job_id, info, source, spec.normalized(), existing)
 
+    def reject_unprocessable(self, info: ObjectInfo, message: str) -> None:
+        """Reject a drop that failed in an unexpected way, so it does not block the inbox."""
+        job_id = generated_job_id(info.key, info.etag)
+        source = {"inbox_key": info.key, "etag": info.etag, "original_name": self.layout.inbox_name(info.key), "size": info.size}
+        try:
+            self._reject(job_id, info, source, message.replace("\n", " "), self.book.find(job_id))
+        except Exception:  # noqa: BLE001 - the drop stays in the inbox for a later try
+            log.exception("could not reject %s", info.key)
+
     def _queue(self, job_id: str, info: ObjectInfo, source: dict, normalized: dict, existing) -> Acceptance:
         spec_body = json.dumps(normalized, indent=1, sort_keys=True, ensure_ascii=False).encode()
         if not self._write_once(self.layout.spec_key(job_id), spec_body):

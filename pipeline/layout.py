@@ -8,13 +8,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TABLES = ("attributions", "step_scores", "sequences")
 
 
 def is_valid_job_id(job_id: str) -> bool:
     """Tell whether a string may be used as a job id (and so inside keys)."""
-    return bool(JOB_ID_PATTERN.match(job_id)) and ".." not in job_id
+    return bool(JOB_ID_PATTERN.fullmatch(job_id)) and ".." not in job_id
 
 
 def generated_job_id(inbox_key: str, etag: str) -> str:

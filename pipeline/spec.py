@@ -9,6 +9,7 @@ the field, the value and the allowed range.
 
 import fnmatch
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,9 +30,9 @@ MAX_JSON_DEPTH = 8
 MAX_LABELS = 32
 OUTPUT_KINDS = ("tables", "json", "html")
 
-HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-LABEL_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
-ARG_NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
+HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+LABEL_KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+ARG_NAME_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,63}")
 
 # Keyword arguments of `AttributionModel.attribute` that tokviz sets itself, so
 # `method_args` may not override them.
@@ -221,7 +222,7 @@ class JobSpec(BaseModel):
         if len(value) > MAX_LABELS:
             raise ValueError(f"{len(value)} labels given; at most {MAX_LABELS} are allowed")
         for key, label in value.items():
-            if not LABEL_KEY_PATTERN.match(key):
+            if not LABEL_KEY_PATTERN.fullmatch(key):
                 raise ValueError(f"label key {key!r} must match {LABEL_KEY_PATTERN.pattern}")
             if len(label) > 256:
                 raise ValueError(f"label {key!r} is {len(label)} characters long; at most 256 are allowed")
@@ -288,16 +289,22 @@ def decode_body(body: bytes) -> dict:
         raise SpecError(f"Invalid spec: the body is not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from exc
 
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except RecursionError as exc:
         raise SpecError(f"Invalid spec: the JSON is nested too deeply; at most {MAX_JSON_DEPTH} levels are allowed") from exc
     except ValueError as exc:
         raise SpecError(f"Invalid spec: the body is not valid JSON ({exc}); check the syntax") from exc
 
     if not isinstance(data, dict):
-        raise SpecError(f"Invalid spec: the body is a JSON {type(data).__name__}, not an object; wrap the fields in {{...}}")
-    if _depth(data) > MAX_JSON_DEPTH:
+        raise SpecError(f"Invalid spec: the body is a JSON {_json_type(data)}, not an object; wrap the fields in {{...}}")
+    if _deeper_than(data, MAX_JSON_DEPTH):
         raise SpecError(f"Invalid spec: the JSON is nested more than {MAX_JSON_DEPTH} levels deep; flatten the values")
+    for key, value in data.items():
+        if _has_surrogate(key) or _has_surrogate(value):
+            raise SpecError(
+                f"Invalid spec: field {_short(key)} holds an unpaired UTF-16 surrogate escape (U+D800 to U+DFFF); write the character as UTF-8",
+                field=key,
+            )
     return data
 
 
@@ -347,10 +354,10 @@ def check_model_allowed(model: str, policy: SpecPolicy) -> None:
                 field="model",
             )
         return
-    if not HUB_ID_PATTERN.match(model):
+    if not HUB_ID_PATTERN.fullmatch(model):
         raise SpecError(
-            f"Invalid spec: field 'model' is {model!r}, which is not a hub id (ORG/NAME), a .gguf file, an s3:// prefix "
-            f"or {DEFAULT_MODEL!r}",
+            f"Invalid spec: field 'model' is {model!r}, which is not a hub id (ORG/NAME), an s3:// prefix "
+            f"or {DEFAULT_MODEL!r}; local paths and .gguf files need a worker started with --allow-local-models",
             field="model",
         )
 
@@ -370,7 +377,7 @@ def _check_one_text(text: str) -> None:
 
 
 def _check_arg_name(name: str) -> None:
-    if not ARG_NAME_PATTERN.match(name):
+    if not ARG_NAME_PATTERN.fullmatch(name):
         raise ValueError(f"argument name {name!r} must be a lowercase Python identifier")
 
 
@@ -389,23 +396,66 @@ def _check_number(name: str, value: Any, kind: type, low: float, high: float) ->
 
 def _check_plain_value(name: str, value: Any) -> None:
     scalars = (str, int, float, bool, type(None))
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+        raise ValueError(f"{name!r} is too large to be a finite number; use a smaller value")
     if isinstance(value, scalars):
         return
     if isinstance(value, list) and all(isinstance(item, scalars) for item in value) and len(value) <= 64:
         return
-    raise ValueError(f"{name} must be a number, string, boolean or a short list of them")
+    raise ValueError(f"{name!r} must be a number, string, boolean or a short list of them")
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(item) for item in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(item) for item in value), default=0)
-    return 0
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"duplicate key {key!r} in one object; keep one of them")
+        data[key] = value
+    return data
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Tell whether containers nest more than `limit` levels, without recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _has_surrogate(value: Any) -> bool:
+    """Tell whether any key or string value holds a lone surrogate, which UTF-8 cannot encode."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if any("\ud800" <= char <= "\udfff" for char in item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {"str": "string", "list": "array"}.get(type(value).__name__, type(value).__name__)
 
 
 def _error_field(exc: ValidationError) -> str | None:
@@ -422,11 +472,24 @@ def _one_line(exc: ValidationError) -> str:
     value = _short(error.get("input"))
     extra = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
 
+    bounds = _field_bounds(location) if error["type"] in ("greater_than_equal", "less_than_equal") else None
+    if bounds is not None:
+        message = f"allowed range is {bounds[0]} to {bounds[1]}"
     if error["type"] == "extra_forbidden":
         return f"Invalid spec: unknown field {location!r}; remove it or check its spelling (see docs/spec.md){extra}"
     if not location:
         return f"Invalid spec: {message}{extra}"
     return f"Invalid spec: field {location!r} is {value}: {message}{extra}"
+
+
+def _field_bounds(location: str) -> tuple[Any, Any] | None:
+    """Return a top-level field's (ge, le) bounds, or None when it has no full range."""
+    info = JobSpec.model_fields.get(location)
+    if info is None:
+        return None
+    low = next((item.ge for item in info.metadata if getattr(item, "ge", None) is not None), None)
+    high = next((item.le for item in info.metadata if getattr(item, "le", None) is not None), None)
+    return None if low is None or high is None else (low, high)
 
 
 def _short(value: Any) -> str:

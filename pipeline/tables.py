@@ -1,8 +1,9 @@
 """The three Parquet tables built from an aggregated Inseq output.
 
 Tables are long and tidy (docs/tables.md). `job_id` is the Hive partition column: it
-lives in the directory name (`job_id=<id>/`) and not inside the files, because pyarrow
-refuses a dataset whose files and partition paths both define the same column.
+lives in the directory name (`job_id=<id>/`) and not inside the files, because
+`pd.read_parquet` on the table folder fails with an ArrowTypeError when the files and
+the partition paths both define the column (string in the files, dictionary in paths).
 """
 
 import io

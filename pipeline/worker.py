@@ -98,6 +98,9 @@ class Worker:
                 self.intake.accept(info)
             except StoreError as exc:
                 log.error("failed to accept %s: %s", info.key, exc, extra={"worker_id": self.config.worker_id})
+            except Exception as exc:  # noqa: BLE001 - one strange drop must not stop the worker
+                log.exception("unexpected error accepting %s", info.key, extra={"worker_id": self.config.worker_id})
+                self.intake.reject_unprocessable(info, f"Invalid spec: the drop could not be processed ({type(exc).__name__}: {exc}); check its encoding and structure")
 
         for job_id in self.queued_job_ids():
             if max_jobs is not None and len(outcomes) >= max_jobs:
@@ -201,7 +204,9 @@ class Worker:
         finished = writer.finished_chunks()
         lease.update(lambda record: record["progress"].update(total=len(inputs), chunks_total=len(chunk_starts), chunks_done=len(finished), done=sum(c.sequences for c in finished.values())))
 
+        load_started = time.perf_counter()
         loaded = self.models.get(spec.model, spec.device)
+        load_seconds = time.perf_counter() - load_started
         context = TableContext(spec.model, spec.method, dict(spec.labels), tuple(spec.step_scores))
         computed = 0
 
@@ -224,10 +229,10 @@ class Worker:
 
         lease.check()
         files = writer.write_final_outputs(len(chunk_starts), spec.outputs)
-        self._commit(lease, spec, writer, finished, files, loaded, started)
+        self._commit(lease, spec, writer, finished, files, load_seconds, started)
         return computed
 
-    def _commit(self, lease: Lease, spec: JobSpec, writer: ResultWriter, finished: dict, files: dict, loaded, started: float) -> None:
+    def _commit(self, lease: Lease, spec: JobSpec, writer: ResultWriter, finished: dict, files: dict, load_seconds: float, started: float) -> None:
         lease.check()
         record = lease.snapshot.record
         for name, keys in writer.table_keys().items():
@@ -236,7 +241,7 @@ class Worker:
             "queued_at": record.get("queued_at"),
             "started_at": record.get("started_at"),
             "committed_at": utc_now(),
-            "model_load_seconds": round(loaded.load_seconds, 3),
+            "model_load_seconds": round(load_seconds, 3),
             "attribution_seconds": round(sum(chunk.seconds for chunk in finished.values()), 3),
             "run_seconds": round(time.perf_counter() - started, 3),
         }

@@ -179,6 +179,7 @@ def test_function_environment(resources):
     assert variables["TOKVIZ_BUCKET"] == CfnTag("Ref", "JobBucket")
     assert variables["TOKVIZ_PREFIX"] == CfnTag("Ref", "KeyPrefix")
     assert variables["TOKVIZ_CACHE_DIR"] == "/tmp/tokviz-cache"
+    assert variables["TOKVIZ_CONTINUATION_QUEUE_URL"] == CfnTag("Ref", "InboxQueue")
     assert variables["HF_HOME"] == "/tmp/hf"
     assert variables["HF_HUB_OFFLINE"] == "1"
 
@@ -248,9 +249,18 @@ def test_iam_sqs_limited_to_queue(resources):
         if any(action.startswith("sqs:") for action in as_list(statement["Action"]))
     ]
 
-    assert len(sqs_statements) == 1
-    assert sqs_statements[0]["Resource"] == CfnTag("GetAtt", "InboxQueue.Arn")
-    assert {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"} <= set(sqs_statements[0]["Action"])
+    sqs_actions = set()
+    for statement in sqs_statements:
+        assert statement["Resource"] == CfnTag("GetAtt", "InboxQueue.Arn"), statement
+        sqs_actions.update(as_list(statement["Action"]))
+
+    assert sqs_actions == {
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes",
+        "sqs:SendMessage",
+    }
 
 
 def test_outputs(template):

@@ -43,10 +43,11 @@ def test_cli_submit_worker_download(moto_server, bucket, causal_model_dir, tmp_p
     paths = json.loads(downloaded.output)
     names = sorted(path.rsplit("/", 1)[-1] for path in paths)
     assert names == ["attributions.json.gz", "part-00000.parquet", "part-00000.parquet", "part-00000.parquet", "report.html", "summary.json"]
+    assert (tmp_path / "out" / "tables" / "attributions" / "job_id=cli-job" / "part-00000.parquet").is_file()
     for path in paths:
         assert path.startswith(str(tmp_path / "out")), f"download wrote outside its folder: {path}"
 
-    part = pq.read_table(tmp_path / "out" / "tables" / "attributions" / "part-00000.parquet")
+    part = pq.read_table(tmp_path / "out" / "tables" / "attributions" / "job_id=cli-job" / "part-00000.parquet")
     assert part.schema.metadata[METADATA_VERSION_KEY] == SCHEMA_VERSION.encode()
 
 
