@@ -31,7 +31,7 @@ def print_records(records: list[dict]) -> None:
 
     table = Table(box=None, header_style="bold")
     for column in ("job", "state", "attempt", "progress", "created", "message"):
-        table.add_column(column, overflow="fold" if column == "message" else "ellipsis")
+        table.add_column(column, overflow="fold", no_wrap=column == "job", min_width=len(column))
     for record in records:
         table.add_row(
             record["job_id"],

@@ -45,21 +45,31 @@ def local_s3(port, buckets):
 
     Its data lives in memory only: everything is lost when it stops.
     """
+    import signal
+
     from pipeline.local_s3 import LocalS3
 
+    # SIGTERM (e.g. `kill %1`) must also stop the moto child process, not orphan it.
+    signal.signal(signal.SIGTERM, _interrupt)
     server = LocalS3(port=port)
     server.start()
-    for bucket in buckets:
-        server.create_bucket(bucket)
-    click.echo(f"S3 server on {server.endpoint_url} (moto, in memory: data is lost when it stops). Press Ctrl-C to stop.")
-    click.echo(f"  export TOKVIZ_ENDPOINT_URL={server.endpoint_url} AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test")
     try:
+        for bucket in buckets:
+            server.create_bucket(bucket)
+        click.echo(f"S3 server on {server.endpoint_url} (moto, in memory: data is lost when it stops). Press Ctrl-C to stop.")
+        for bucket in buckets:
+            click.echo(f"  created bucket {bucket}")
+        click.echo(f"  export TOKVIZ_ENDPOINT_URL={server.endpoint_url} AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @click.command()

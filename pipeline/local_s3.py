@@ -60,7 +60,12 @@ class LocalS3:
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
 
     def create_bucket(self, name: str) -> None:
-        self.client().create_bucket(Bucket=name)
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client().create_bucket(Bucket=name)
+        except ClientError as exc:
+            raise ConfigError(f"Failed to create bucket {name!r}: {str(exc.response['Error'].get('Message', '')).rstrip('.')}; use 3-63 lowercase letters, digits, '.' or '-'") from exc
 
     def reset(self) -> None:
         """Drop every bucket and object (moto's reset endpoint)."""

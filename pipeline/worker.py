@@ -63,7 +63,7 @@ class WorkerConfig:
 
 @dataclass
 class JobOutcome:
-    """How one claimed job ended on this worker."""
+    """The outcome of one claimed job on this worker."""
 
     job_id: str
     state: str | None
@@ -174,8 +174,9 @@ class Worker:
             log.info("job finished", extra=ids)
         except LeaseLostError as exc:
             log.warning("job abandoned: %s", exc, extra=ids)
-        except _TimeBudgetUsed:
+        except _TimeBudgetUsed as exc:
             log.info("time budget used up; job released for a continuation", extra=ids)
+            outcome.chunks_computed = exc.computed
             outcome.state = self._release(lease, None)
         except JobCancelledError:
             outcome.state = self._end_leased(lease, CANCELLED, "cancelled while running")
@@ -214,7 +215,7 @@ class Worker:
             if index in finished:
                 continue
             lease.check()
-            self._stop_if_out_of_time(lease)
+            self._stop_if_out_of_time(lease, computed)
 
             part = inputs.slice(first, first + spec.chunk_size)
             result = attribute_inputs(loaded, spec, part.texts, part.generated_texts)
@@ -254,9 +255,9 @@ class Worker:
         lease.update(succeed)
         self._drop_queue_marker(lease.job_id)
 
-    def _stop_if_out_of_time(self, lease: Lease) -> None:
+    def _stop_if_out_of_time(self, lease: Lease, computed: int) -> None:
         if self.config.deadline is not None and time.monotonic() >= self.config.deadline:
-            raise _TimeBudgetUsed(lease.job_id)
+            raise _TimeBudgetUsed(lease.job_id, computed)
 
     def _end_leased(self, lease: Lease, state: str, message: str, error: bool = False) -> str | None:
         def finish(record):
@@ -325,6 +326,10 @@ class Worker:
 
 class _TimeBudgetUsed(Exception):
     """The invocation's deadline arrived at a chunk boundary."""
+
+    def __init__(self, job_id: str, computed: int):
+        super().__init__(job_id)
+        self.computed = computed
 
 
 def _versions() -> dict:
