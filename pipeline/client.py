@@ -133,7 +133,7 @@ class Client:
                 self.book.update(snapshot, lambda record: record.update(state=CANCELLED, finished_at=utc_now(), message="cancelled before it started"))
                 self.store.delete(self.layout.queue_key(job_id))
             except PreconditionFailedError:
-                pass  # a worker claimed it meanwhile; it sees the request at its next heartbeat
+                pass  # A worker claimed it meanwhile, so its heartbeat finds the request instead.
         return self.status(job_id)
 
     def retry(self, job_id: str) -> dict:

@@ -118,7 +118,7 @@ class Intake:
             log.info("another worker accepted the drop first", extra={"job_id": record["job_id"]})
 
     def _write_once(self, key: str, body: bytes) -> bool:
-        """Create an immutable object; True if it now holds exactly `body`."""
+        """Create an immutable object; True if it now contains exactly `body`."""
         try:
             self.store.put(key, body, content_type="application/json", if_none_match=True)
         except PreconditionFailedError:

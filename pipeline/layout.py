@@ -1,6 +1,6 @@
 """Where everything lives in the bucket.
 
-One bucket holds every job; an optional key prefix lets several deployments share it.
+One bucket contains every job; an optional key prefix lets several deployments share it.
 docs/bucket-layout.md lists each key with its writer and meaning.
 """
 
@@ -98,7 +98,7 @@ class BucketLayout:
         return f"{self.table_partition_prefix(table, job_id)}part-{chunk:05d}.parquet"
 
     def job_id_from_inbox_key(self, key: str) -> str | None:
-        """Return the id a drop asks for, or None when its name is not a valid id."""
+        """Return the id a drop's file name requests, or None when the name is not a valid id."""
         name = key.removeprefix(self.inbox_prefix)
         if "/" in name or not name.endswith(".json"):
             return None

@@ -25,7 +25,7 @@ MAX_REPORT_SEQUENCES = 50
 
 @dataclass(frozen=True)
 class ChunkRecord:
-    """What a finished chunk wrote, read back from its marker."""
+    """A finished chunk's row counts and timing, read back from its marker."""
 
     index: int
     rows: dict
@@ -52,7 +52,7 @@ class ResultWriter:
         return records
 
     def write_chunk(self, index: int, first_sequence: int, tables: ChunkTables, aggregated, seconds: float, outputs: list[str]) -> ChunkRecord:
-        """Persist one chunk: table parts, Inseq output, then the marker that says it is done."""
+        """Persist one chunk: table parts, Inseq output, then the marker that records it as done."""
         rows = {}
         if "tables" in outputs:
             for name, table in tables.by_name().items():

@@ -93,7 +93,7 @@ def attribute_kwargs(attribution_model, spec: JobSpec, texts: list[str], generat
 
 
 def aggregate(raw, spec: JobSpec):
-    """Aggregate raw scores as the spec says, down to one score per token pair."""
+    """Aggregate raw scores with the spec's aggregation, down to one score per token pair."""
     options = {name: value for name, value in (("normalize", spec.aggregation.normalize), ("rescale", spec.aggregation.rescale)) if value is not None}
     aggregated = raw.aggregate(spec.aggregation.aggregator, **options)
 

@@ -433,7 +433,7 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 
 def _has_surrogate(value: Any) -> bool:
-    """Tell whether any key or string value holds a lone surrogate, which UTF-8 cannot encode."""
+    """Tell whether any key or string value contains a lone surrogate, which UTF-8 cannot encode."""
     pending = [value]
     while pending:
         item = pending.pop()

@@ -303,7 +303,7 @@ class Worker:
         log.info("job %s: %s", state, message, extra=self._ids(snapshot.record["job_id"], snapshot.record["attempt"]))
 
     def _finish_committed(self, snapshot: StatusSnapshot) -> None:
-        """Record success for a job whose summary exists but whose status says otherwise."""
+        """Record success for a job whose summary exists but whose status records another state."""
 
         def succeed(record):
             record.update(state=SUCCEEDED, finished_at=utc_now(), lease=None, message=None)
