@@ -73,8 +73,18 @@ class Client:
         try:
             self.store.put(self.layout.inbox_key(job_id), body, content_type="application/json", if_none_match=True)
         except PreconditionFailedError as exc:
-            raise JobStateError(f"Job {job_id!r} is already waiting in the inbox; choose another id") from exc
+            if not self._inbox_holds(job_id, body):
+                raise JobStateError(f"Job {job_id!r} is already waiting in the inbox; choose another id") from exc
         return job_id
+
+    def _inbox_holds(self, job_id: str, body: bytes) -> bool:
+        """Tell whether the inbox object is this very body: a retried PUT whose first try landed reads as a conflict."""
+        from pipeline.errors import ObjectNotFoundError
+
+        try:
+            return self.store.get(self.layout.inbox_key(job_id)).body == body
+        except ObjectNotFoundError:
+            return False
 
     def status(self, job_id: str) -> dict:
         """Return the job's status record; a drop not yet accepted reads as `submitted`."""
@@ -200,6 +210,39 @@ class Client:
         sort_keys = [name for name in ("job_id", "sequence_idx", "target_idx", "side", "input_idx") if name in frame.columns]
         return frame.sort_values(sort_keys, kind="stable").reset_index(drop=True)
 
+    def filesystem(self):
+        """Build a pyarrow S3FileSystem for this client's endpoint, region and credentials.
+
+        pyarrow does not read TOKVIZ_ENDPOINT_URL, so pass this filesystem to
+        `pyarrow.dataset` or to `pd.read_parquet(client.table_path(table), filesystem=...)`.
+        """
+        from pipeline.warehouse import s3_filesystem
+
+        return s3_filesystem(self.store.client, self.endpoint_url)
+
+    def table_path(self, table: str = "attributions") -> str:
+        """Return the table's folder as a pyarrow path (`bucket/prefix/tables/<table>/`, no scheme)."""
+        from pipeline.warehouse import table_path
+
+        return table_path(self.bucket, self.layout, table)
+
+    def dataset(self, table: str = "attributions"):
+        """Return a `pyarrow.dataset.Dataset` over one table of every committed job.
+
+        Parts of jobs without summary.json, such as running ones, are left out. `job_id`
+        is a string partition column, and the schema is the union of all parts' columns.
+        """
+        return self._warehouse().dataset(table)
+
+    def query(self, table: str = "attributions", *, models=None, methods=None, labels: dict | None = None, job_ids=None, columns=None):
+        """Return one table of the committed jobs that match every filter, as a pandas DataFrame.
+
+        `models`, `methods` and `job_ids` take a string or a list of strings. `labels`
+        is a dict, such as `{"run": "docs"}`, that a job's labels must contain.
+        `columns` picks the columns to read. Filters that match nothing give an empty frame.
+        """
+        return self._warehouse().read(table, models=models, methods=methods, labels=labels, job_ids=job_ids, columns=columns)
+
     def inseq_output(self, job_id: str):
         """Return the job's Inseq FeatureAttributionOutput (aggregated scores)."""
         import tempfile
@@ -214,6 +257,11 @@ class Client:
 
     def report_html(self, job_id: str) -> str:
         return self.store.get(self.layout.report_key(job_id)).body.decode()
+
+    def _warehouse(self):
+        from pipeline.warehouse import Warehouse
+
+        return Warehouse(self.store, self.layout, self.filesystem())
 
     def _result_files(self, job_id: str) -> list[tuple[str, str]]:
         files = []
