@@ -16,8 +16,12 @@ import click
 @click.option("--model-allowlist", envvar="TOKVIZ_MODEL_ALLOWLIST", help="Comma-separated model names or glob patterns this worker may load [env TOKVIZ_MODEL_ALLOWLIST].")
 @click.option("--cache-dir", type=click.Path(file_okay=False), envvar="TOKVIZ_CACHE_DIR", help="Where converted model weights are cached [env TOKVIZ_CACHE_DIR].")
 @click.option("--log-json", is_flag=True, envvar="TOKVIZ_LOG_JSON", help="Log JSON lines instead of text.")
+@click.option(
+    "--batch-jobs", type=click.IntRange(1, 64), default=8, show_default=True,
+    help="Maximum number of small jobs with the same model, method and settings that share one Inseq call; 1 runs every job alone.",
+)
 @click.pass_context
-def worker(ctx, once, max_jobs, poll_interval, max_idle, lease_seconds, allow_local_models, model_allowlist, cache_dir, log_json):
+def worker(ctx, once, max_jobs, poll_interval, max_idle, lease_seconds, allow_local_models, model_allowlist, cache_dir, log_json, batch_jobs):
     """Poll the bucket's inbox and run jobs until stopped (SIGINT/SIGTERM stop cleanly)."""
     from cli.main import client_from
     from handlers.worker import LoopSettings, WorkerLoop
@@ -29,7 +33,7 @@ def worker(ctx, once, max_jobs, poll_interval, max_idle, lease_seconds, allow_lo
     client = client_from(ctx)
     client.store.check_bucket()
     allowlist = tuple(item.strip() for item in (model_allowlist or "").split(",") if item.strip())
-    config = WorkerConfig(lease_seconds=lease_seconds, allow_local_models=allow_local_models, model_allowlist=allowlist)
+    config = WorkerConfig(lease_seconds=lease_seconds, allow_local_models=allow_local_models, model_allowlist=allowlist, max_batch_jobs=batch_jobs)
     models = ModelCache(cache_dir=cache_dir, store_client=client.store.client)
 
     loop = WorkerLoop(Worker(client.store, client.layout, config, models), LoopSettings(poll_interval, once, max_jobs, max_idle))

@@ -2,7 +2,8 @@
 
 The loop polls the inbox and the queue, keeps loaded models warm between jobs, and
 stops cleanly on SIGINT or SIGTERM: the job in progress finishes its current chunk
-boundary check, then the loop exits instead of starting another job.
+boundary check, then the loop exits instead of starting another job. The jobs of a
+batch were attributed together, so all of them finish before the loop exits.
 """
 
 import logging
@@ -70,9 +71,11 @@ class WorkerLoop:
     def _poll(self, remaining: int | None):
         if self.stop_event.is_set():
             return []
-        # One job per pass, so a stop request is honoured between jobs.
-        limit = 1 if remaining is None else min(1, remaining)
-        return self.worker.poll_once(max_jobs=limit)
+        # A pass runs at most one batch's worth of jobs, and poll_once checks the stop
+        # event between jobs and batches, so a stop request is honoured there.
+        batch = max(self.worker.config.max_batch_jobs, 1)
+        limit = batch if remaining is None else min(batch, remaining)
+        return self.worker.poll_once(max_jobs=limit, stop=self.stop_event)
 
     def _finished(self, outcomes) -> bool:
         if self.settings.max_jobs is not None and self.jobs_done >= self.settings.max_jobs:
