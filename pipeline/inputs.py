@@ -20,17 +20,18 @@ TEXT_COLUMNS = ("text", "input_text")
 
 @dataclass(frozen=True)
 class JobInputs:
-    """Input texts with their forced generated texts, if any."""
+    """Input texts with their forced generated texts, if any, and the ETag of the object they came from."""
 
     texts: list[str]
     generated_texts: list[str] | None
+    source_etag: str | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def slice(self, start: int, end: int) -> "JobInputs":
         generated = self.generated_texts[start:end] if self.generated_texts is not None else None
-        return JobInputs(self.texts[start:end], generated)
+        return JobInputs(self.texts[start:end], generated, self.source_etag)
 
 
 def load_inputs(spec: JobSpec, store: ObjectStore) -> JobInputs:
@@ -46,12 +47,13 @@ def load_inputs(spec: JobSpec, store: ObjectStore) -> JobInputs:
         raise SpecError(f"Invalid spec: field 'inputs_uri' object is {head.size} bytes; at most {MAX_INPUTS_OBJECT_BYTES} are allowed", field="inputs_uri")
 
     try:
-        body = store.get(key).body
+        stored = store.get(key)
     except ObjectNotFoundError as exc:
         raise SpecError(f"Invalid spec: field 'inputs_uri' points to {spec.inputs_uri}, which was deleted", field="inputs_uri") from exc
 
-    rows = _read_rows(key, body)
-    return _rows_to_inputs(spec.inputs_uri, rows)
+    rows = _read_rows(key, stored.body)
+    inputs = _rows_to_inputs(spec.inputs_uri, rows)
+    return JobInputs(inputs.texts, inputs.generated_texts, stored.etag)
 
 
 def _read_rows(key: str, body: bytes) -> list[dict]:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ATTEMPTS = 6
 CONNECT_TIMEOUT_SECONDS = 5
 READ_TIMEOUT_SECONDS = 60
+BODY_READ_ATTEMPTS = 3
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
@@ -88,9 +89,23 @@ class ObjectStore:
         self.bucket = bucket
 
     def get(self, key: str) -> StoredObject:
-        response = self._call("get_object", key, Bucket=self.bucket, Key=key)
-        body = response["Body"].read()
-        return _stored(key, body, response)
+        """Read an object; a body that breaks off mid-read is fetched again, a bounded number of times.
+
+        botocore retries a request until its response headers arrive; a connection that
+        drops while the body streams fails after that, outside its retries.
+        """
+        from botocore.exceptions import BotoCoreError
+
+        for attempt in range(1, BODY_READ_ATTEMPTS + 1):
+            response = self._call("get_object", key, Bucket=self.bucket, Key=key)
+            try:
+                body = response["Body"].read()
+            except BotoCoreError as exc:
+                log.debug("s3 get_object body read failed (try %d of %d): %s", attempt, BODY_READ_ATTEMPTS, type(exc).__name__)
+                if attempt == BODY_READ_ATTEMPTS:
+                    raise StoreUnavailableError(f"Failed to read s3://{self.bucket}/{key}: the connection broke while reading the body {attempt} times; retry later") from exc
+                continue
+            return _stored(key, body, response)
 
     def get_json(self, key: str) -> tuple[dict, str]:
         stored = self.get(key)

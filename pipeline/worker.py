@@ -8,11 +8,16 @@
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipeline.batching import BatchMember, JobBatcher, group_members
 from pipeline.errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
     AttributionError,
     JobCancelledError,
     LeaseLostError,
@@ -41,12 +46,15 @@ from pipeline.lifecycle import (
 )
 from pipeline.models import ModelCache
 from pipeline.results import ResultWriter, build_summary
-from pipeline.runner import attribute_inputs
+from pipeline.runner import ChunkAttribution, attribute_inputs
 from pipeline.spec import JobSpec, SpecPolicy
 from pipeline.store import ObjectStore
 from pipeline.tables import TableContext, build_chunk_tables
 
 log = logging.getLogger(__name__)
+
+# Specs are read for this many batches' worth of queued jobs at a time.
+PLAN_WINDOW_BATCHES = 4
 
 
 @dataclass
@@ -59,6 +67,8 @@ class WorkerConfig:
     model_allowlist: tuple[str, ...] = ()
     max_inputs: int = 1000
     deadline: float | None = None
+    # Maximum number of small compatible jobs whose inputs share Inseq calls (see pipeline.batching). 1 disables batching.
+    max_batch_jobs: int = 8
 
 
 @dataclass
@@ -80,6 +90,7 @@ class Worker:
         self.models = models or ModelCache(store_client=store.client)
         self.book = StatusBook(store, layout)
         self.intake = Intake(store, layout, self.policy())
+        self.batcher = JobBatcher()
         self.chunks_computed = 0
 
     def policy(self) -> SpecPolicy:
@@ -90,9 +101,28 @@ class Worker:
             max_inputs=self.config.max_inputs,
         )
 
-    def poll_once(self, max_jobs: int | None = None) -> list[JobOutcome]:
-        """Accept every waiting drop, then run claimable jobs, up to `max_jobs`."""
+    def poll_once(self, max_jobs: int | None = None, stop: threading.Event | None = None) -> list[JobOutcome]:
+        """Accept every waiting drop, then run claimable jobs, up to `max_jobs`.
+
+        Small compatible jobs run as one batch when batching is on. A set `stop` event
+        ends the pass between jobs or batches.
+        """
+        self._accept_drops()
+
         outcomes = []
+        for unit in self._plan_runs(self.queued_job_ids()):
+            room = None if max_jobs is None else max_jobs - len(outcomes)
+            if (room is not None and room <= 0) or (stop is not None and stop.is_set()):
+                break
+            if len(unit) > 1:
+                outcomes.extend(self.process_batch(unit[:room]))
+                continue
+            outcome = self.process(unit[0].job_id)
+            if outcome is not None:
+                outcomes.append(outcome)
+        return outcomes
+
+    def _accept_drops(self) -> None:
         for info in self.intake.pending():
             try:
                 self.intake.accept(info)
@@ -102,16 +132,74 @@ class Worker:
                 log.exception("unexpected error accepting %s", info.key, extra={"worker_id": self.config.worker_id})
                 self.intake.reject_unprocessable(info, f"Invalid spec: the drop could not be processed ({type(exc).__name__}: {exc}); check its encoding and structure")
 
-        for job_id in self.queued_job_ids():
-            if max_jobs is not None and len(outcomes) >= max_jobs:
-                break
-            outcome = self.process(job_id)
-            if outcome is not None:
-                outcomes.append(outcome)
-        return outcomes
-
     def queued_job_ids(self) -> list[str]:
         return [info.key.removeprefix(self.layout.queue_prefix) for info in self.store.list(self.layout.queue_prefix)]
+
+    def _plan_runs(self, job_ids: list[str]):
+        """Yield run units in queue order: one job, or a group of jobs to batch.
+
+        Specs are read a window at a time, so a long queue is not read in full before
+        the first job runs. A Lambda invocation's deadline turns batching off, because
+        a batch cannot stop at a chunk boundary of one of its jobs.
+        """
+        if self.config.max_batch_jobs <= 1 or self.config.deadline is not None:
+            yield from ([BatchMember(job_id, None)] for job_id in job_ids)
+            return
+
+        window = self.config.max_batch_jobs * PLAN_WINDOW_BATCHES
+        for start in range(0, len(job_ids), window):
+            members = [BatchMember(job_id, self._read_spec(job_id)) for job_id in job_ids[start : start + window]]
+            yield from group_members(members, self.config.max_batch_jobs, self.batcher.unbatchable_keys())
+
+    def _read_spec(self, job_id: str) -> JobSpec | None:
+        """Return a queued job's spec, or None when it cannot be read, so that the job runs alone."""
+        try:
+            return JobSpec.model_validate(self.store.get_json(self.layout.spec_key(job_id))[0])
+        except Exception as exc:  # noqa: BLE001 - the job's own run reports a bad or missing spec
+            log.debug("spec not read for batching: %s", exc, extra={"job_id": job_id, "worker_id": self.config.worker_id})
+            return None
+
+    def process_batch(self, members: list[BatchMember]) -> list[JobOutcome]:
+        """Claim jobs that share a batch key, attribute their inputs together, then finish each job on its own.
+
+        Each job keeps its own lease, heartbeat, cancellation check and commit. A job
+        without a batched result (the batch failed, or its result was not kept) runs alone.
+        """
+        leases = self._claim_each([member.job_id for member in members])
+        if len(leases) < 2:
+            return [self.run_claimed(lease) for lease in leases]
+
+        for lease in leases:
+            lease.start_heartbeat()
+        claimed = [member for member in members if member.job_id in {lease.job_id for lease in leases}]
+        chunks = self._attribute_batch(claimed)
+        return [self._run_heartbeating(lease, chunks.get(lease.job_id)) for lease in leases]
+
+    def _claim_each(self, job_ids: list[str]) -> list[Lease]:
+        leases = []
+        for job_id in job_ids:
+            try:
+                lease = self.claim(job_id)
+            except StoreError as exc:
+                log.warning("claim failed: %s", exc, extra={"job_id": job_id, "worker_id": self.config.worker_id})
+                continue
+            if lease is not None:
+                leases.append(lease)
+        return leases
+
+    def _attribute_batch(self, members: list[BatchMember]) -> dict[str, ChunkAttribution]:
+        """Return the batched chunk results by job id, or an empty dict when the batch failed as a whole."""
+        spec = members[0].spec
+        job_ids = [member.job_id for member in members]
+        started = time.perf_counter()
+        try:
+            loaded = self.models.get(spec.model, spec.device)
+            chunks = self.batcher.compute(loaded, members)
+        except Exception as exc:  # noqa: BLE001 - every job then runs alone and reports its own error
+            log.warning("batch of jobs %s failed, so each runs alone: %s: %s", job_ids, type(exc).__name__, exc, extra={"worker_id": self.config.worker_id})
+            return {}
+        log.info("batch of jobs %s attributed in %.2f s, and %d keep the batched result", job_ids, time.perf_counter() - started, len(chunks), extra={"worker_id": self.config.worker_id})
+        return chunks
 
     def process(self, job_id: str) -> JobOutcome | None:
         """Claim a job if it is free and run it; return None when not claimed."""
@@ -143,15 +231,13 @@ class Worker:
 
         next_attempt = snapshot.record["attempt"] + 1
         if next_attempt > snapshot.record["max_attempts"]:
-            self._end(snapshot, FAILED, f"gave up after {snapshot.record['max_attempts']} attempts; see errors for each attempt")
+            self._end(snapshot, FAILED, f"gave up after {snapshot.record['max_attempts']} attempts; see errors for each attempt", _lease_expiry_error)
             return None
 
         lease_record = new_lease(self.config.worker_id, self.config.lease_seconds)
 
         def take(record):
-            if record["state"] == RUNNING:
-                owner = (record.get("lease") or {}).get("owner")
-                record["errors"].append({"attempt": record["attempt"], "at": utc_now(), "message": f"lease expired: worker {owner!r} stopped renewing it"})
+            _lease_expiry_error(record)
             record.update(state=RUNNING, attempt=next_attempt, worker_id=self.config.worker_id, lease=lease_record, started_at=utc_now(), message=None)
 
         try:
@@ -163,13 +249,17 @@ class Worker:
 
     def run_claimed(self, lease: Lease) -> JobOutcome:
         """Run a claimed job to a terminal state; no job error escapes."""
+        lease.start_heartbeat()
+        return self._run_heartbeating(lease, None)
+
+    def _run_heartbeating(self, lease: Lease, precomputed: ChunkAttribution | None) -> JobOutcome:
+        """Run a claimed job whose heartbeat already runs, and stop the heartbeat at the end."""
         job_id = lease.job_id
         ids = self._ids(job_id, lease.attempt)
-        lease.start_heartbeat()
         outcome = JobOutcome(job_id, None)
         try:
             log.info("job started", extra=ids)
-            outcome.chunks_computed = self._execute(lease)
+            outcome.chunks_computed = self._execute(lease, precomputed)
             outcome.state = SUCCEEDED
             log.info("job finished", extra=ids)
         except LeaseLostError as exc:
@@ -184,6 +274,10 @@ class Worker:
             outcome.state = self._end_leased(lease, REJECTED, str(exc))
         except (AttributionError, ModelLoadError) as exc:
             outcome.state = self._end_leased(lease, FAILED, str(exc), error=True)
+        except (AccessDeniedError, BucketNotFoundError) as exc:
+            # Another attempt would meet the same permission or missing bucket, so fail now.
+            log.error("job failed on a permanent object store error: %s", exc, extra=ids)
+            outcome.state = self._end_leased(lease, FAILED, str(exc), error=True)
         except StoreError as exc:
             log.error("job interrupted by the object store: %s", exc, extra=ids)
             outcome.state = self._release(lease, str(exc))
@@ -194,7 +288,8 @@ class Worker:
             lease.stop_heartbeat()
         return outcome
 
-    def _execute(self, lease: Lease) -> int:
+    def _execute(self, lease: Lease, precomputed: ChunkAttribution | None = None) -> int:
+        """Compute and write each unfinished chunk, then commit. `precomputed` is a one-chunk job's batched result."""
         job_id = lease.job_id
         spec = JobSpec.model_validate(self.store.get_json(self.layout.spec_key(job_id))[0])
         writer = ResultWriter(self.store, self.layout, job_id)
@@ -203,7 +298,8 @@ class Worker:
         inputs = load_inputs(spec, self.store)
         chunk_starts = list(range(0, len(inputs), spec.chunk_size))
         finished = writer.finished_chunks()
-        lease.update(lambda record: record["progress"].update(total=len(inputs), chunks_total=len(chunk_starts), chunks_done=len(finished), done=sum(c.sequences for c in finished.values())))
+        _check_inputs_unchanged(lease.snapshot.record, inputs, spec)
+        lease.update(lambda record: _start_progress(record, inputs, len(chunk_starts), finished))
 
         load_started = time.perf_counter()
         loaded = self.models.get(spec.model, spec.device)
@@ -218,7 +314,10 @@ class Worker:
             self._stop_if_out_of_time(lease, computed)
 
             part = inputs.slice(first, first + spec.chunk_size)
-            result = attribute_inputs(loaded, spec, part.texts, part.generated_texts)
+            if precomputed is not None and len(chunk_starts) == 1:
+                result = precomputed
+            else:
+                result = attribute_inputs(loaded, spec, part.texts, part.generated_texts)
             tables = build_chunk_tables(result.aggregated, loaded.tokenizer, context, first, index, part.texts, result.seconds)
 
             lease.check()
@@ -247,6 +346,11 @@ class Worker:
             "run_seconds": round(time.perf_counter() - started, 3),
         }
         summary = build_summary(lease.job_id, record, spec.normalized(), finished, files, timings, _versions())
+
+        # The heartbeat notices a takeover only at its next beat, so renew now: after a
+        # successful renewal no other worker can take the job for a whole lease.
+        lease.renew()
+        lease.check()
         writer.commit(summary)
 
         def succeed(record):
@@ -271,7 +375,8 @@ class Worker:
             log.warning("could not record the end of the job: %s", exc, extra=self._ids(lease.job_id, lease.attempt))
             return None
         self._drop_queue_marker(lease.job_id)
-        log.info("job %s: %s", state, message, extra=self._ids(lease.job_id, lease.attempt))
+        # The message may quote the job's inputs, so it stays in the status record only.
+        log.info("job %s", state, extra=self._ids(lease.job_id, lease.attempt))
         return state
 
     def _release(self, lease: Lease, message: str | None) -> str | None:
@@ -291,8 +396,10 @@ class Worker:
             return None
         return QUEUED
 
-    def _end(self, snapshot: StatusSnapshot, state: str, message: str) -> None:
+    def _end(self, snapshot: StatusSnapshot, state: str, message: str, before: Callable[[dict], None] | None = None) -> None:
         def finish(record):
+            if before is not None:
+                before(record)
             record.update(state=state, finished_at=utc_now(), lease=None, message=message)
 
         try:
@@ -322,6 +429,29 @@ class Worker:
 
     def _ids(self, job_id: str, attempt: int) -> dict:
         return {"job_id": job_id, "attempt": attempt, "worker_id": self.config.worker_id}
+
+
+def _check_inputs_unchanged(record: dict, inputs, spec: JobSpec) -> None:
+    """Fail a resumed job whose inputs object was replaced: its finished chunks came from the old rows."""
+    pinned = record["progress"].get("inputs_etag")
+    if pinned is not None and inputs.source_etag is not None and pinned != inputs.source_etag:
+        raise AttributionError(
+            f"The inputs object {spec.inputs_uri} changed since this job started (ETag {pinned} is now {inputs.source_etag}); "
+            "submit a new job for the new inputs"
+        )
+
+
+def _start_progress(record: dict, inputs, chunks_total: int, finished: dict) -> None:
+    record["progress"].update(total=len(inputs), chunks_total=chunks_total, chunks_done=len(finished), done=sum(chunk.sequences for chunk in finished.values()))
+    if inputs.source_etag is not None:
+        record["progress"]["inputs_etag"] = inputs.source_etag
+
+
+def _lease_expiry_error(record: dict) -> None:
+    """Record, in the errors list, that the running attempt's worker stopped renewing its lease."""
+    if record["state"] == RUNNING:
+        owner = (record.get("lease") or {}).get("owner")
+        record["errors"].append({"attempt": record["attempt"], "at": utc_now(), "message": f"lease expired: worker {owner!r} stopped renewing it"})
 
 
 class _TimeBudgetUsed(Exception):
