@@ -113,7 +113,12 @@ def wait(ctx, job_id, timeout, as_json):
 def cancel(ctx, job_id, as_json):
     """Cancel a queued or running job (a running job stops at its next heartbeat)."""
     record = _client(ctx).cancel(job_id)
-    echo_json(record) if as_json else click.echo(f"{job_id}: {record['state']} (cancellation requested)")
+    if as_json:
+        echo_json(record)
+    elif record["state"] == "cancelled":
+        click.echo(f"{job_id}: cancelled")
+    else:
+        click.echo(f"{job_id}: {record['state']}; cancellation requested, it stops before its next chunk")
 
 
 @click.command()

@@ -132,8 +132,16 @@ class Client:
         return record
 
     def cancel(self, job_id: str) -> dict:
-        """Request cancellation: a queued job ends at once, a running one at its next chunk boundary."""
-        snapshot = self.book.read(job_id)
+        """Request cancellation: a queued job ends at once, a running one at its next chunk boundary.
+
+        A drop still waiting in the inbox gets the request too: the worker that accepts
+        it finds the request before running it and ends it `cancelled`.
+        """
+        snapshot = self.book.find(job_id)
+        if snapshot is None:
+            record = self.status(job_id)  # raises JobNotFoundError unless the drop is in the inbox
+            self.store.put_json(self.layout.cancel_key(job_id), {"requested_at": utc_now()})
+            return record
         if snapshot.state in TERMINAL_STATES:
             raise JobStateError(f"Job {job_id!r} already ended {snapshot.state}; nothing to cancel")
 
@@ -148,7 +156,10 @@ class Client:
 
     def retry(self, job_id: str) -> dict:
         """Queue a failed or cancelled job again, keeping its earlier errors."""
-        snapshot = self.book.read(job_id)
+        snapshot = self.book.find(job_id)
+        if snapshot is None:
+            state = self.status(job_id)["state"]
+            raise JobStateError(f"Job {job_id!r} is {state}; only failed or cancelled jobs can be retried")
         if snapshot.state not in (FAILED, CANCELLED):
             raise JobStateError(f"Job {job_id!r} is {snapshot.state}; only failed or cancelled jobs can be retried")
 

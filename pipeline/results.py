@@ -41,6 +41,9 @@ class ResultWriter:
         self.store = store
         self.layout = layout
         self.job_id = job_id
+        # Aggregated outputs of the chunks written by this writer, so the final merge
+        # reads back from the bucket only chunks that an earlier attempt wrote.
+        self._written_outputs: dict[int, object] = {}
 
     def finished_chunks(self) -> dict[int, ChunkRecord]:
         """Return the chunks whose markers exist, by index."""
@@ -54,12 +57,17 @@ class ResultWriter:
     def write_chunk(self, index: int, first_sequence: int, tables: ChunkTables, aggregated, seconds: float, outputs: list[str]) -> ChunkRecord:
         """Persist one chunk: table parts, Inseq output, then the marker that records it as done."""
         rows = {}
+        uploads = []
         if "tables" in outputs:
             for name, table in tables.by_name().items():
-                self.store.put(self.layout.table_part_key(name, self.job_id, index), to_parquet_bytes(table), content_type="application/vnd.apache.parquet")
+                uploads.append((self.layout.table_part_key(name, self.job_id, index), to_parquet_bytes(table), "application/vnd.apache.parquet"))
                 rows[name] = table.num_rows
+        uploads.append((self._inseq_chunk_key(index), _inseq_json_gz(aggregated), "application/gzip"))
 
-        self.store.put(self._inseq_chunk_key(index), _inseq_json_gz(aggregated), content_type="application/gzip")
+        # The parts are independent, so they go up together; the marker goes last
+        # because its presence means every part of the chunk is in the bucket.
+        self.store.put_many(uploads)
+        self._written_outputs[index] = aggregated
 
         record = ChunkRecord(index, rows, seconds, first_sequence, tables.sequences.num_rows)
         marker = {"index": index, "rows": rows, "seconds": seconds, "first_sequence": first_sequence, "sequences": record.sequences}
@@ -70,17 +78,16 @@ class ResultWriter:
         """Merge the chunks' Inseq outputs into the job's JSON and HTML report."""
         import inseq
 
-        merged = inseq.merge_attributions([self._read_inseq_chunk(index) for index in range(chunk_count)])
-        written = {}
+        chunks = [self._chunk_output(index) for index in range(chunk_count)]
+        merged = chunks[0] if len(chunks) == 1 else inseq.merge_attributions(chunks)
+        uploads = []
         if "json" in outputs:
-            body = _inseq_json_gz(merged)
-            self.store.put(self.layout.inseq_json_key(self.job_id), body, content_type="application/gzip")
-            written[self.layout.inseq_json_key(self.job_id)] = len(body)
+            uploads.append((self.layout.inseq_json_key(self.job_id), _inseq_json_gz(merged), "application/gzip"))
         if "html" in outputs:
-            body = render_report(merged).encode()
-            self.store.put(self.layout.report_key(self.job_id), body, content_type="text/html; charset=utf-8")
-            written[self.layout.report_key(self.job_id)] = len(body)
-        return written
+            uploads.append((self.layout.report_key(self.job_id), render_report(merged).encode(), "text/html; charset=utf-8"))
+
+        self.store.put_many(uploads)
+        return {key: len(body) for key, body, _ in uploads}
 
     def commit(self, summary: dict) -> bool:
         """Write summary.json only if absent; return False when another writer committed first."""
@@ -91,14 +98,24 @@ class ResultWriter:
             return False
         return True
 
-    def table_keys(self) -> dict[str, list[str]]:
-        return {name: [info.key for info in self.store.list(self.layout.table_partition_prefix(name, self.job_id))] for name in TABLES}
+    def table_keys(self, chunks: dict[int, ChunkRecord]) -> dict[str, list[str]]:
+        """Return each table's part keys, known from the chunk records without listing the bucket."""
+        keys = {name: [] for name in TABLES}
+        for index in sorted(chunks):
+            for name in chunks[index].rows:
+                keys[name].append(self.layout.table_part_key(name, self.job_id, index))
+        return keys
 
     def _marker_key(self, index: int) -> str:
         return f"{self.layout.chunks_prefix(self.job_id)}{index:05d}.done.json"
 
     def _inseq_chunk_key(self, index: int) -> str:
         return self.layout.chunk_key(self.job_id, index)
+
+    def _chunk_output(self, index: int):
+        if index in self._written_outputs:
+            return self._written_outputs[index]
+        return self._read_inseq_chunk(index)
 
     def _read_inseq_chunk(self, index: int):
         import inseq

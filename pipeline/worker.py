@@ -91,6 +91,9 @@ class Worker:
         self.book = StatusBook(store, layout)
         self.intake = Intake(store, layout, self.policy())
         self.batcher = JobBatcher()
+        # Specs read by the batch planner in this pass, reused by the job's own run.
+        # A job's spec.json is written once and never changes, so the copy stays valid.
+        self._planned_specs: dict[str, JobSpec] = {}
         self.chunks_computed = 0
 
     def policy(self) -> SpecPolicy:
@@ -108,6 +111,7 @@ class Worker:
         ends the pass between jobs or batches.
         """
         self._accept_drops()
+        self._planned_specs.clear()
 
         outcomes = []
         for unit in self._plan_runs(self.queued_job_ids()):
@@ -154,10 +158,12 @@ class Worker:
     def _read_spec(self, job_id: str) -> JobSpec | None:
         """Return a queued job's spec, or None when it cannot be read, so that the job runs alone."""
         try:
-            return JobSpec.model_validate(self.store.get_json(self.layout.spec_key(job_id))[0])
+            spec = JobSpec.model_validate(self.store.get_json(self.layout.spec_key(job_id))[0])
         except Exception as exc:  # noqa: BLE001 - the job's own run reports a bad or missing spec
             log.debug("spec not read for batching: %s", exc, extra={"job_id": job_id, "worker_id": self.config.worker_id})
             return None
+        self._planned_specs[job_id] = spec
+        return spec
 
     def process_batch(self, members: list[BatchMember]) -> list[JobOutcome]:
         """Claim jobs that share a batch key, attribute their inputs together, then finish each job on its own.
@@ -291,13 +297,13 @@ class Worker:
     def _execute(self, lease: Lease, precomputed: ChunkAttribution | None = None) -> int:
         """Compute and write each unfinished chunk, then commit. `precomputed` is a one-chunk job's batched result."""
         job_id = lease.job_id
-        spec = JobSpec.model_validate(self.store.get_json(self.layout.spec_key(job_id))[0])
+        spec = self._planned_specs.pop(job_id, None) or JobSpec.model_validate(self.store.get_json(self.layout.spec_key(job_id))[0])
         writer = ResultWriter(self.store, self.layout, job_id)
         started = time.perf_counter()
 
         inputs = load_inputs(spec, self.store)
         chunk_starts = list(range(0, len(inputs), spec.chunk_size))
-        finished = writer.finished_chunks()
+        finished = writer.finished_chunks() if _may_have_chunks(lease.snapshot.record) else {}
         _check_inputs_unchanged(lease.snapshot.record, inputs, spec)
         lease.update(lambda record: _start_progress(record, inputs, len(chunk_starts), finished))
 
@@ -335,7 +341,7 @@ class Worker:
     def _commit(self, lease: Lease, spec: JobSpec, writer: ResultWriter, finished: dict, files: dict, load_seconds: float, started: float) -> None:
         lease.check()
         record = lease.snapshot.record
-        for name, keys in writer.table_keys().items():
+        for name, keys in writer.table_keys(finished).items():
             files.update({key: None for key in keys})
         timings = {
             "queued_at": record.get("queued_at"),
@@ -429,6 +435,15 @@ class Worker:
 
     def _ids(self, job_id: str, attempt: int) -> dict:
         return {"job_id": job_id, "attempt": attempt, "worker_id": self.config.worker_id}
+
+
+def _may_have_chunks(record: dict) -> bool:
+    """Tell whether an earlier attempt or invocation may have written chunks, so they must be listed.
+
+    A first attempt starts from nothing. A planned hand-over keeps the attempt number
+    but records its finished chunks in the progress first.
+    """
+    return record["attempt"] > 1 or (record["progress"].get("chunks_done") or 0) > 0
 
 
 def _check_inputs_unchanged(record: dict, inputs, spec: JobSpec) -> None:

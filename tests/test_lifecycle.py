@@ -178,3 +178,15 @@ def test_download_stays_in_target(client, make_worker, causal_model_dir, store, 
         client.download(job_id, target)
 
     assert not list(tmp_path.rglob("escaped.txt")), "download wrote a file outside its target folder"
+
+
+def test_cancel_reaches_inbox_drop(client, make_worker, causal_model_dir):
+    job_id = client.submit(spec(causal_model_dir), job_id="cancel-in-inbox")
+
+    assert client.cancel(job_id)["state"] == "submitted"
+    with pytest.raises(JobStateError, match="is submitted; only failed or cancelled"):
+        client.retry(job_id)
+    make_worker().poll_once()
+
+    record = client.status(job_id)
+    assert record["state"] == "cancelled", f"a cancel request made before the worker accepted the drop was lost: {record}"
