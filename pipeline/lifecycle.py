@@ -14,6 +14,7 @@ clock skew between workers cannot expire a live lease. Timestamps inside the rec
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,6 +162,9 @@ class Lease:
         self.token = snapshot.record["lease"]["token"]
         self.lost_reason: str | None = None
         self.cancel_requested = False
+        # Monotonic time of this worker's last successful write of the record; the claim
+        # that created this lease was one.
+        self.renewed_at = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -197,9 +201,15 @@ class Lease:
                 self._mark_lost_if_taken()
                 self._ensure_held()
                 self.snapshot = self.book.update(self.snapshot, renew_and_change)
+            self.renewed_at = time.monotonic()
 
     def renew(self) -> None:
         self.update(lambda record: None)
+
+    def renew_unless_fresh(self, max_age: float) -> None:
+        """Renew unless this worker's last successful write of the record is under `max_age` seconds old."""
+        if time.monotonic() - self.renewed_at >= max_age:
+            self.renew()
 
     def check(self) -> None:
         """Raise if the lease was lost or the job was cancelled; call at chunk boundaries."""

@@ -53,6 +53,9 @@ from pipeline.tables import TableContext, build_chunk_tables
 
 log = logging.getLogger(__name__)
 
+# A lease written longer ago than this is renewed before the job commits.
+COMMIT_RENEWAL_SECONDS = 1.0
+
 # Specs are read for this many batches' worth of queued jobs at a time.
 PLAN_WINDOW_BATCHES = 4
 
@@ -228,7 +231,9 @@ class Worker:
             return None
         if snapshot.state == RUNNING and not snapshot.lease_expired():
             return None
-        if self.store.exists(self.layout.summary_key(job_id)):
+        # Only a job that ran before can have committed: a crash between writing
+        # summary.json and recording success leaves it running or queued with attempts.
+        if snapshot.record["attempt"] > 0 and self.store.exists(self.layout.summary_key(job_id)):
             self._finish_committed(snapshot)
             return None
         if self.store.exists(self.layout.cancel_key(job_id)):
@@ -353,9 +358,10 @@ class Worker:
         }
         summary = build_summary(lease.job_id, record, spec.normalized(), finished, files, timings, _versions())
 
-        # The heartbeat notices a takeover only at its next beat, so renew now: after a
-        # successful renewal no other worker can take the job for a whole lease.
-        lease.renew()
+        # The heartbeat notices a takeover only at its next beat, so make sure the lease
+        # was renewed moments ago: after a successful renewal no other worker can take
+        # the job for a whole lease. The progress write after the last chunk usually did it.
+        lease.renew_unless_fresh(COMMIT_RENEWAL_SECONDS)
         lease.check()
         writer.commit(summary)
 
