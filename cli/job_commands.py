@@ -159,20 +159,7 @@ def _wait_and_report(client, job_id: str, timeout: float | None, as_json: bool) 
 
 
 def _wait_with_progress(client, job_id: str, timeout: float | None, show: bool) -> dict:
-    if not show:
-        return client.wait(job_id, timeout=timeout, raise_on_failure=False)
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task(f"{job_id} submitted", total=None)
-
-        def update(record):
-            values = record.get("progress") or {}
-            progress.update(task, description=f"{job_id} {record['state']}", total=values.get("total"), completed=values.get("done") or 0)
-
-        return client.wait(job_id, timeout=timeout, on_update=update, raise_on_failure=False)
+    return client.wait(job_id, timeout=timeout, raise_on_failure=False, progress=show)
 
 
 def _load_spec_file(handle) -> dict:

@@ -112,8 +112,22 @@ class Client:
         records.sort(key=lambda record: record.get("created_at") or "", reverse=True)
         return records[:limit] if limit else records
 
-    def wait(self, job_id: str, timeout: float | None = None, poll_seconds: float = 1.0, on_update: Callable[[dict], None] | None = None, raise_on_failure: bool = True) -> dict:
-        """Poll until the job is terminal; call `on_update` with each new record."""
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        poll_seconds: float = 1.0,
+        on_update: Callable[[dict], None] | None = None,
+        raise_on_failure: bool = True,
+        progress: bool = False,
+    ) -> dict:
+        """Poll until the job is terminal; call `on_update` with each new record.
+
+        `progress=True` draws a progress bar of the inputs done, in a terminal or a notebook.
+        """
+        if progress:
+            return self._wait_with_progress_bar(job_id, timeout, poll_seconds, on_update, raise_on_failure)
+
         deadline = time.monotonic() + timeout if timeout else None
         last = None
         while True:
@@ -130,6 +144,21 @@ class Client:
         if raise_on_failure and record["state"] != SUCCEEDED:
             raise JobFailedError(f"Job {job_id!r} ended {record['state']}: {record.get('message') or 'no message'}")
         return record
+
+    def _wait_with_progress_bar(self, job_id, timeout, poll_seconds, on_update, raise_on_failure) -> dict:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(f"{job_id} submitted", total=None)
+
+            def update(record):
+                values = record.get("progress") or {}
+                bar.update(task, description=f"{job_id} {record['state']}", total=values.get("total"), completed=values.get("done") or 0)
+                if on_update is not None:
+                    on_update(record)
+
+            return self.wait(job_id, timeout, poll_seconds, update, raise_on_failure)
 
     def cancel(self, job_id: str) -> dict:
         """Request cancellation: a queued job ends at once, a running one at its next chunk boundary.
@@ -253,6 +282,30 @@ class Client:
         `columns` picks the columns to read. Filters that match nothing give an empty frame.
         """
         return self._warehouse().read(table, models=models, methods=methods, labels=labels, job_ids=job_ids, columns=columns)
+
+    def attribution_matrix(self, job_id: str, sequence_idx: int = 0, side: str | None = None):
+        """Return one sequence's scores as an input-token by generated-token DataFrame (see `analysis.attribution_matrix`)."""
+        from pipeline.analysis import attribution_matrix
+
+        return attribution_matrix(self.table(job_id, "attributions"), sequence_idx, side)
+
+    def top_tokens(self, job_id: str, k: int = 3, by: str = "step", absolute: bool = False):
+        """Return the k most important input tokens per generated token (`by="step"`) or per sequence (`by="sequence"`)."""
+        from pipeline.analysis import top_tokens
+
+        return top_tokens(self.table(job_id, "attributions"), k=k, by=by, absolute=absolute)
+
+    def step_scores(self, job_id: str):
+        """Return the job's step scores in long form: one row per generated token and step score."""
+        from pipeline.analysis import step_score_frame
+
+        return step_score_frame(self.table(job_id, "step_scores"))
+
+    def compare(self, job_ids: list[str], k: int = 3, absolute: bool = False):
+        """Compare jobs that attributed the same inputs with different methods (see `analysis.compare_methods`)."""
+        from pipeline.analysis import compare_methods
+
+        return compare_methods({job_id: self.table(job_id, "attributions") for job_id in job_ids}, k=k, absolute=absolute)
 
     def inseq_output(self, job_id: str):
         """Return the job's Inseq FeatureAttributionOutput (aggregated scores)."""
