@@ -21,15 +21,15 @@ PARTS = ("cold", "overhead", "throughput", "batching", "cost", "profile", "scale
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", type=_parts, default=None, help=f"Comma-separated parts to run, from {','.join(PARTS)} (default: all).")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--only", type=_parts, default=None, help=f"Comma-separated parts to run, from {','.join(PARTS)} (default: every part, with profile only when --profile is given).")
     parser.add_argument("--repeats", type=int, default=5, help="Repeats of the overhead measurement (median reported).")
     parser.add_argument("--cold-repeats", type=int, default=2, help="Repeats of the cold-start pair.")
     parser.add_argument("--max-new-tokens", type=int, default=6, help="Generated tokens per text in the overhead, throughput, cost and profile parts.")
     parser.add_argument("--jobs", type=int, default=30, help="One-text jobs per throughput round and in the throughput profile.")
-    parser.add_argument("--rounds", type=int, default=3, help="Throughput rounds; each runs every side once.")
-    parser.add_argument("--gguf-jobs", type=int, default=3, help="Jobs run with a fresh GGUF load each in the throughput part (0 skips them; each takes about 30 s).")
-    parser.add_argument("--batch-jobs", type=int, default=30, help="Same-length one-text jobs in the batching part.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of the throughput and batching parts; each runs every side once, and medians are reported.")
+    parser.add_argument("--gguf-jobs", type=int, default=3, help="Jobs run with a fresh GGUF load each in the throughput part (0 skips them; each takes about 20 s).")
+    parser.add_argument("--batch-jobs", type=int, default=30, help="Same-length one-text jobs in the batching part (not the worker's --batch-jobs group size, which stays at its default of 8).")
     parser.add_argument("--scale-sizes", type=_sizes, default=[100, 1000], help="Comma-separated input counts of the scale jobs (default: 100,1000).")
     parser.add_argument("--scale-max-new-tokens", type=int, default=3, help="Generated tokens per input in the scale jobs.")
     parser.add_argument("--chunk-size", type=int, default=50, help="Inputs per chunk in the scale jobs.")

@@ -18,7 +18,7 @@ import click
 @click.option("--log-json", is_flag=True, envvar="TOKVIZ_LOG_JSON", help="Log JSON lines instead of text.")
 @click.option(
     "--batch-jobs", type=click.IntRange(1, 64), default=8, show_default=True,
-    help="Maximum number of small jobs with the same model, method and settings that share one Inseq call; 1 runs every job alone.",
+    help="Maximum number of small queued jobs with the same model, method and settings that share Inseq calls (64 inputs at most per group; only inputs of one token length share a call). 1 runs every job alone. See docs/batching.md.",
 )
 @click.pass_context
 def worker(ctx, once, max_jobs, poll_interval, max_idle, lease_seconds, allow_local_models, model_allowlist, cache_dir, log_json, batch_jobs):

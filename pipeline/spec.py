@@ -475,6 +475,8 @@ def _one_line(exc: ValidationError) -> str:
     bounds = _field_bounds(location) if error["type"] in ("greater_than_equal", "less_than_equal") else None
     if bounds is not None:
         message = f"allowed range is {bounds[0]} to {bounds[1]}"
+    if error["type"] == "extra_forbidden" and location in GENERATION_ARG_RANGES:
+        return f"Invalid spec: unknown field {location!r}; generation settings go inside 'generation_args', e.g. {{\"generation_args\": {{\"{location}\": ...}}}}{extra}"
     if error["type"] == "extra_forbidden":
         return f"Invalid spec: unknown field {location!r}; remove it or check its spelling (see docs/spec.md){extra}"
     if not location:

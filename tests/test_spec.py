@@ -533,3 +533,11 @@ def test_normalized_spec_is_stable(spec):
     second = parse_spec(stored_form(first), POLICY).normalized()
 
     assert second == first, "normalized spec changed when parsed again"
+
+
+def test_top_level_generation_arg_points_to_generation_args():
+    with pytest.raises(SpecError) as raised:
+        parse_spec(b'{"input_text": "a", "max_new_tokens": 3}', SpecPolicy())
+
+    assert "unknown field 'max_new_tokens'" in str(raised.value)
+    assert "inside 'generation_args'" in str(raised.value), str(raised.value)
