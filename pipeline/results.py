@@ -64,8 +64,8 @@ class ResultWriter:
                 rows[name] = table.num_rows
         uploads.append((self._inseq_chunk_key(index), _inseq_json_gz(aggregated), "application/gzip"))
 
-        # The parts are independent, so they go up together; the marker goes last
-        # because its presence means every part of the chunk is in the bucket.
+        # The parts are independent, so they go up together. The marker goes last,
+        # because its presence means that every part of the chunk is in the bucket.
         self.store.put_many(uploads)
         self._written_outputs[index] = aggregated
 
