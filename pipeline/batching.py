@@ -38,8 +38,8 @@ MAX_BATCH_INPUTS = 64
 
 # Tolerances of the equality check. Two score tensors are equal when no cell differs by
 # more than ATOL + RTOL times the largest magnitude in the unbatched tensor. Batched
-# float32 matrix products round differently from unbatched ones: for SmolLM2-135M
-# (input_x_gradient, 6 new tokens, 8 inputs of one length, torch CPU) the raw scores
+# float32 matrix products round differently from unbatched ones. For SmolLM2-135M
+# (input_x_gradient, 6 new tokens, 8 inputs of one length, torch CPU), the raw scores
 # differed by up to 2.5e-4 of that magnitude, so a cell-wise rtol of 1e-4 fails there.
 RTOL = 1e-3
 ATOL = 1e-6

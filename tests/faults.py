@@ -1,10 +1,10 @@
 """Object store faults injected into a boto3 client through botocore's event hooks.
 
-`FaultInjector` fails a chosen share of S3 requests instead of
-sending them, the way a throttled or flaky store does: 500 InternalError, 503 SlowDown,
-a read timeout, a reset connection, a GET whose body breaks off mid-read, and a
-response lost after the store applied the request (the worst case for conditional
-writes, whose retry then finds its own earlier write). botocore's retry machinery
+`FaultInjector` fails a chosen share of S3 requests instead of sending them, the way a
+throttled or flaky store does. The kinds are 500 InternalError, 503 SlowDown, a read
+timeout, a reset connection, a GET whose body breaks off mid-read, and a response lost
+after the store applied the request. The last is the worst case for conditional writes,
+because their retry then finds the earlier write. botocore's retry machinery
 handles these exactly as it would real faults, because they enter at the same place.
 """
 

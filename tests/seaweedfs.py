@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.local_s3 import stop_process
+
 # weed derives each gRPC port as its HTTP port + 10000; some components ignore an
 # explicit gRPC port, so only HTTP ports are set and both are checked free.
 GRPC_OFFSET = 10000
@@ -58,14 +60,7 @@ class SeaweedFS:
         return self
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout=15)
 
     def client(self):
         from pipeline.store import make_client

@@ -47,4 +47,5 @@ def test_wait_progress_bar(client, two_methods, capsys):
 
     assert record["state"] == "succeeded"
     drawn = capsys.readouterr().out
-    assert "2/2" in drawn and "succeeded" in drawn, f"the progress bar did not show the inputs done: {drawn!r}"
+    assert "2/2" in drawn, f"the progress bar did not show the inputs done: {drawn!r}"
+    assert "succeeded" in drawn, f"the progress bar did not show the inputs done: {drawn!r}"

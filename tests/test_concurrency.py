@@ -116,7 +116,7 @@ def running_owners(client: Client) -> dict[int, str]:
 
 
 def kill_busy_workers(pool: WorkerPool, client: Client, rng: random.Random, kills: int, deadline: float) -> list[str]:
-    """SIGKILL a worker that holds a running job at random moments; start a replacement each time."""
+    """Kill a worker that owns a running job with SIGKILL at random moments, starting a replacement each time."""
     victims = []
     while len(victims) < kills and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.3, 2.0))

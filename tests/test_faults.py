@@ -1,5 +1,8 @@
-"""Jobs against a flaky object store: transient faults are retried a bounded number of
-times and every job still completes; permanent errors fail at once, naming bucket or key."""
+"""Jobs against a flaky object store.
+
+Transient faults are retried a bounded number of times, and every job still completes.
+Permanent errors fail at once, naming the bucket or key.
+"""
 
 import time
 
@@ -89,8 +92,8 @@ def test_retries_are_bounded(moto_server, bucket, backoff, kind):
     with pytest.raises(StoreUnavailableError) as raised:
         store.get("some/key.json")
 
-    # The failed GET is repeated as a whole up to BODY_READ_ATTEMPTS times only for a
-    # broken body; these faults fail before a body exists, so one request is retried.
+    # ObjectStore.get repeats a whole GET only when its body breaks off. These faults
+    # fail before a body exists, so only botocore's retries of one request count.
     assert faults.sent["GetObject"] == DEFAULT_MAX_ATTEMPTS, f"{kind}: {faults.sent['GetObject']} tries, expected exactly {DEFAULT_MAX_ATTEMPTS}"
     assert len(backoff.waits) == DEFAULT_MAX_ATTEMPTS - 1, f"{kind}: {len(backoff.waits)} waits between tries"
     for number, wait in enumerate(backoff.waits):
@@ -119,7 +122,8 @@ def test_missing_bucket_fails_fast(moto_server, backoff):
         store.check_bucket()
 
     assert faults.sent["HeadBucket"] == 1, f"a missing bucket was asked {faults.sent['HeadBucket']} times"
-    assert not backoff.waits and time.monotonic() - started < 5
+    assert not backoff.waits, f"a missing bucket was retried after waits of {backoff.waits}"
+    assert time.monotonic() - started < 5, "a missing bucket took over 5 s to report"
 
 
 def test_worker_missing_bucket_one_line(moto_server):
@@ -127,7 +131,8 @@ def test_worker_missing_bucket_one_line(moto_server):
 
     assert result.exit_code == 7, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "'no-such-bucket' does not exist" in lines[0], result.output
+    assert len(lines) == 1, result.output
+    assert "'no-such-bucket' does not exist" in lines[0], result.output
 
 
 def test_access_denied_fails_fast(moto_server, bucket, backoff):
@@ -137,7 +142,8 @@ def test_access_denied_fails_fast(moto_server, bucket, backoff):
         store.put("results/job/summary.json", b"{}")
 
     assert faults.sent["PutObject"] == 1, f"access denied was retried {faults.sent['PutObject'] - 1} times"
-    assert f"s3://{bucket}/results/job/summary.json" in str(raised.value) and repr(bucket) in str(raised.value), str(raised.value)
+    assert f"s3://{bucket}/results/job/summary.json" in str(raised.value), str(raised.value)
+    assert repr(bucket) in str(raised.value), str(raised.value)
 
 
 def test_denied_job_fails_first_attempt(moto_server, bucket, client, causal_model_dir, model_cache, backoff):
@@ -148,7 +154,9 @@ def test_denied_job_fails_first_attempt(moto_server, bucket, client, causal_mode
     worker.poll_once()
 
     record = client.status(job_id)
-    assert record["state"] == "failed" and record["attempt"] == 1, f"a permanent error should fail the job at once: {record['state']}, attempt {record['attempt']}"
-    assert "Access denied" in record["message"] and f"s3://{bucket}/tables/" in record["message"], record["message"]
+    assert record["state"] == "failed", f"a permanent error should fail the job at once: {record['state']}, attempt {record['attempt']}"
+    assert record["attempt"] == 1, f"a permanent error should fail the job at once: {record['state']}, attempt {record['attempt']}"
+    assert "Access denied" in record["message"], record["message"]
+    assert f"s3://{bucket}/tables/" in record["message"], record["message"]
     # The first chunk uploads its three table parts together; each is tried once, never retried.
     assert faults.injected["access-denied"] == 3, f"the denied writes were tried {faults.injected['access-denied']} times, expected one try per table part"

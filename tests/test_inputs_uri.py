@@ -50,7 +50,8 @@ def test_inputs_object_order_kept(client, store, make_worker, causal_model_dir, 
 
     record = client.status(job_id)
     assert record["state"] == "succeeded", record["message"]
-    assert record["progress"]["chunks_total"] == CHUNKS and record["progress"]["done"] == len(TEXTS), record["progress"]
+    assert record["progress"]["chunks_total"] == CHUNKS, record["progress"]
+    assert record["progress"]["done"] == len(TEXTS), record["progress"]
     sequences = client.table(job_id, "sequences")
     assert sequences["input_text"].tolist() == TEXTS, f"{kind}: inputs came back in another order or form"
     assert sequences["chunk"].tolist() == [0, 0, 1, 1, 2], sequences["chunk"].tolist()
@@ -72,7 +73,8 @@ def test_resume_skips_finished_chunks(client, store, make_worker, causal_model_d
     [stopped] = first.poll_once()
     monkeypatch.setattr(ResultWriter, "write_chunk", original_write_chunk)
 
-    assert stopped.state == "queued" and stopped.chunks_computed == 1, f"the first worker should stop after one chunk: {stopped}"
+    assert stopped.state == "queued", f"the first worker should stop after one chunk: {stopped}"
+    assert stopped.chunks_computed == 1, f"the first worker should stop after one chunk: {stopped}"
     assert client.status(job_id)["progress"]["chunks_done"] == 1
 
     [resumed] = make_worker().poll_once()
@@ -80,7 +82,8 @@ def test_resume_skips_finished_chunks(client, store, make_worker, causal_model_d
     assert resumed.state == "succeeded", client.status(job_id)["message"]
     assert resumed.chunks_computed == CHUNKS - 1, f"the second worker computed {resumed.chunks_computed} chunks; the finished one must be skipped"
     sequences = client.table(job_id, "sequences")
-    assert sequences["input_text"].tolist() == TEXTS and not sequences.duplicated("sequence_idx").any(), sequences[["sequence_idx", "input_text"]]
+    assert sequences["input_text"].tolist() == TEXTS, sequences[["sequence_idx", "input_text"]]
+    assert not sequences.duplicated("sequence_idx").any(), sequences[["sequence_idx", "input_text"]]
 
     client.submit(uri_spec(bucket, key, causal_model_dir), job_id="straight-through")
     make_worker().poll_once()
@@ -111,4 +114,5 @@ def test_replaced_inputs_fail_resume(client, store, make_worker, causal_model_di
 
     record = client.status(job_id)
     assert record["state"] == "failed", f"mixing chunks of two different inputs objects must not succeed: {record['state']}"
-    assert "changed" in record["message"] and key in record["message"], record["message"]
+    assert "changed" in record["message"], record["message"]
+    assert key in record["message"], record["message"]

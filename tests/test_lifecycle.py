@@ -41,7 +41,8 @@ def test_expired_lease_taken_over(client, make_worker, causal_model_dir, store, 
     time.sleep(EXPIRY_WAIT)
 
     fresh = second.claim(job_id)
-    assert fresh is not None and fresh.attempt == 2, "an expired lease must let another worker claim the next attempt"
+    assert fresh is not None, "an expired lease must let another worker claim the next attempt"
+    assert fresh.attempt == 2, "an expired lease must let another worker claim the next attempt"
 
     outcome = first.run_claimed(stale)
     assert outcome.state is None, f"the worker that lost its lease reported {outcome.state!r}"
@@ -51,7 +52,8 @@ def test_expired_lease_taken_over(client, make_worker, causal_model_dir, store, 
 
     assert second.run_claimed(fresh).state == "succeeded"
     record = client.status(job_id)
-    assert record["attempt"] == 2 and record["worker_id"] == second.config.worker_id, record
+    assert record["attempt"] == 2, record
+    assert record["worker_id"] == second.config.worker_id, record
     assert [error["attempt"] for error in record["errors"]] == [1], record["errors"]
     assert first.config.worker_id in record["errors"][0]["message"], record["errors"][0]["message"]
 
@@ -62,12 +64,14 @@ def test_attempts_exhausted_job_fails(client, make_worker, causal_model_dir):
 
     for expected_attempt in (1, 2):
         lease = make_worker(lease_seconds=SHORT_LEASE).claim(job_id)
-        assert lease is not None and lease.attempt == expected_attempt
+        assert lease is not None
+        assert lease.attempt == expected_attempt
         time.sleep(EXPIRY_WAIT)  # the worker "dies": its lease runs out unrenewed
     assert worker.claim(job_id) is None, "a job out of attempts must not be claimed again"
 
     record = client.status(job_id)
-    assert record["state"] == "failed" and "gave up after 2 attempts" in record["message"], record
+    assert record["state"] == "failed", record
+    assert "gave up after 2 attempts" in record["message"], record
     assert [error["attempt"] for error in record["errors"]] == [1, 2], record["errors"]
     assert all("lease expired" in error["message"] for error in record["errors"]), record["errors"]
 
@@ -82,7 +86,8 @@ def test_cancel_stops_running_job(client, make_worker, causal_model_dir):
     outcome = worker.run_claimed(lease)
 
     record = client.status(job_id)
-    assert outcome.state == "cancelled" and record["state"] == "cancelled", record
+    assert outcome.state == "cancelled", record
+    assert record["state"] == "cancelled", record
     assert record["progress"]["chunks_done"] < len(texts), "the job ran to its end despite the cancel request"
 
 
@@ -105,7 +110,8 @@ def test_retry_requeues_failed_job(client, make_worker, causal_model_dir):
     make_worker().poll_once()
 
     record = client.status(job_id)
-    assert record["state"] == "succeeded" and record["attempt"] == 2, record
+    assert record["state"] == "succeeded", record
+    assert record["attempt"] == 2, record
     assert len(record["errors"]) == 1, "the failed attempt's error must be kept"
     with pytest.raises(JobStateError, match="only failed or cancelled jobs can be retried"):
         client.retry(job_id)
@@ -118,7 +124,8 @@ def test_wait_shows_progress(moto_server, bucket, client, make_worker, causal_mo
     result = CliRunner().invoke(main, ["--bucket", bucket, "--endpoint-url", moto_server.endpoint_url, "wait", job_id])
 
     assert result.exit_code == 0, result.output
-    assert "2/2" in result.output and f"{job_id}: succeeded" in result.output, result.output
+    assert "2/2" in result.output, result.output
+    assert f"{job_id}: succeeded" in result.output, result.output
 
 
 def snapshot(age_seconds: float, lease_seconds: int | None = 3) -> StatusSnapshot:
@@ -144,7 +151,8 @@ def test_allowlist_rejects_other_models(client, make_worker, causal_model_dir):
 
     record = client.status(job_id)
     assert record["state"] == "rejected", record
-    assert "allowlist does not include" in record["message"] and "smollm2-*" in record["message"], record["message"]
+    assert "allowlist does not include" in record["message"], record["message"]
+    assert "smollm2-*" in record["message"], record["message"]
 
 
 def test_remote_code_never_runs(client, make_worker, causal_model_dir, tmp_path):
